@@ -20,7 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from flax_qmha import MultiheadAttention  # noqa: E402
-from torch_reference import grads_to_torch_layout, params_from_torch  # noqa: E402
+from flax_qmha._torch_layout import state_dict_from_params  # noqa: E402
+from torch_reference import params_from_torch  # noqa: E402
 
 ATOL = RTOL = 1e-5
 E, H, L, S, N = 16, 4, 5, 7, 3
@@ -195,7 +196,7 @@ def test_parity_forward_and_gradients(case: Case):
     np.testing.assert_allclose(ours, theirs.grad.numpy(), atol=ATOL, rtol=RTOL,
                                err_msg=f"{case.id}: d/d{name}")
   t_grads = {n: p.grad.numpy() for n, p in tm.named_parameters()}
-  ours = grads_to_torch_layout(g_params, packed=not case.kvdim)
+  ours = state_dict_from_params(g_params)
   assert set(ours) == set(t_grads), f"{case.id}: parameter sets differ"
   for name, g in ours.items():
     np.testing.assert_allclose(g, t_grads[name], atol=ATOL, rtol=RTOL,
