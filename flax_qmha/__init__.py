@@ -1,10 +1,29 @@
 """flax-qmha: PyTorch's quantizable multi-head attention for JAX/Flax.
 
 Public API:
-  MultiheadAttention: torch.nn.MultiheadAttention's semantics as a Flax linen module.
+  MultiheadAttention: torch.nn.MultiheadAttention's semantics as a Flax linen
+    module, with optional observers and fake quantization (``qconfig``).
+  QuantizedMultiheadAttention: the int8 inference module.
+  convert / dequantize: float (calibrated or QAT) <-> int8.
+  QConfig, QuantSpec, get_default_qconfig, get_default_qat_qconfig: configuration.
+  fake_quantize: torch's fake quantization with a straight-through gradient.
 """
 
+from flax_qmha._convert import convert, dequantize
+from flax_qmha._fake_quant import fake_quantize
 from flax_qmha._mha import MultiheadAttention
+from flax_qmha._qconfig import QConfig, QuantSpec, get_default_qat_qconfig, get_default_qconfig
+from flax_qmha._quantized_mha import QuantizedMultiheadAttention
 
-__all__ = ["MultiheadAttention"]
+__all__ = [
+    "MultiheadAttention",
+    "QuantizedMultiheadAttention",
+    "convert",
+    "dequantize",
+    "QConfig",
+    "QuantSpec",
+    "get_default_qconfig",
+    "get_default_qat_qconfig",
+    "fake_quantize",
+]
 __version__ = "0.1.0"
