@@ -53,11 +53,13 @@ from flax_qmha._qparams import (
 
 __all__ = [
     "UPSAMPLE_RATE",
+    "TORCH_SUM_LANES",
+    "torch_linspace",
+    "torch_sum",
     "histc",
     "histogram_update",
     "non_linear_param_search",
     "histogram_qparams",
-    "torch_sum",
 ]
 
 UPSAMPLE_RATE = 16  # torch's HistogramObserver.upsample_rate
