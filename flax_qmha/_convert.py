@@ -31,7 +31,7 @@ DEFAULT_WEIGHT_SPEC = QuantSpec(observer="minmax", dtype="qint8",
                                 qscheme="per_channel_symmetric")
 
 
-def _stats(quant_stats: Mapping, path: tuple[str, ...]) -> dict:
+def _stats(quant_stats: Mapping, path: tuple[str, ...], hint: str = "") -> dict:
   """The statistics at ``path``, refusing missing or never-updated ones."""
   node = quant_stats
   for part in path:
@@ -45,6 +45,7 @@ def _stats(quant_stats: Mapping, path: tuple[str, ...]) -> dict:
     raise ValueError(
         f"convert: statistic quant_stats/{'/'.join(path)} was never updated (min_val is"
         " +inf); apply the module with mutable=['quant_stats'] on calibration data first"
+        + hint
     )
   return dict(node)
 
@@ -192,7 +193,9 @@ def convert(
       amax = max(abs(float(stats["min_val"])), abs(float(stats["max_val"])))
       qparams[f"{short}_scale"] = np.float32(amax / 127.0 if amax > 0 else 1.0)
   if numerics == "torch":
-    scale, zero_point = _qparams(act_spec, _stats(quant_stats, ("quant_attn_output_weights",)))
+    scale, zero_point = _qparams(act_spec, _stats(
+        quant_stats, ("quant_attn_output_weights",),
+        hint="; they are observed only by calls with need_weights=True"))
     qparams["attn_weights_scale"], qparams["attn_weights_zero_point"] = scale, zero_point
   return qmodule, {"params": jax.tree.map(jnp.asarray, qparams)}
 
