@@ -131,6 +131,10 @@ class AttentionBase(nn.Module):
       ``need_weights`` is false. ``S`` counts the extra positions added by
       ``add_bias_kv``/``add_zero_attn``.
     """
+    _checks.check_static_flags(
+        need_weights=need_weights, average_attn_weights=average_attn_weights,
+        is_causal=is_causal, deterministic=deterministic,
+    )
     batched = _checks.check_call(
         query, key, value, key_padding_mask, attn_mask,
         embed_dim=self.embed_dim, kdim=self.key_dim, vdim=self.value_dim,

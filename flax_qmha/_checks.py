@@ -7,6 +7,7 @@ what was expected; torch reports most of these as bare ``AssertionError``s.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,6 +32,21 @@ def check_config(
       raise ValueError(f"{owner}: {name} must be a positive int or None, got {value!r}")
   if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
     raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def check_static_flags(**flags) -> None:
+  """The boolean call flags decide shapes and control flow, so they must be
+  Python bools, not traced values (e.g. keyword arguments of a jitted apply)."""
+  for name, value in flags.items():
+    if isinstance(value, (bool, np.bool_)):
+      continue
+    if isinstance(value, jax.core.Tracer):
+      raise TypeError(
+          f"{name} must be a Python bool, got a traced value: under jax.jit pass it"
+          f" statically, e.g. jax.jit(functools.partial(module.apply, {name}=...)) or"
+          f" jax.jit(module.apply, static_argnames=['{name}'])"
+      )
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _shape(x) -> tuple[int, ...]:

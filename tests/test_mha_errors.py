@@ -108,3 +108,14 @@ def test_errors_are_raised_at_trace_time_under_jit():
   with pytest.raises(ValueError, match="key_padding_mask"):
     jax.jit(lambda kpm: m.apply(variables, q3, k3, v3, key_padding_mask=kpm))(
         jnp.zeros((N, S + 2), bool))
+
+
+def test_traced_flags_are_a_clear_error():
+  m, variables = _variables()
+  with pytest.raises(TypeError, match=r"need_weights must be a Python bool, got a traced value"):
+    jax.jit(m.apply)(variables, q3, k3, v3, need_weights=False)
+  out, w = jax.jit(m.apply, static_argnames=["need_weights"])(variables, q3, k3, v3,
+                                                              need_weights=False)
+  assert w is None and out.shape == q3.shape
+  with pytest.raises(TypeError, match="is_causal must be a bool, got str"):
+    m.apply(variables, q3, k3, v3, is_causal="yes")
