@@ -7,9 +7,12 @@ Public API:
   convert / dequantize: float (calibrated or QAT) <-> int8.
   QConfig, QuantSpec, get_default_qconfig, get_default_qat_qconfig: configuration.
   fake_quantize: torch's fake quantization with a straight-through gradient.
+  to_torch_state_dict, to_flax_attention: export float parameters.
+  save_variables, load_variables: variables as safetensors or Flax msgpack files.
 """
 
 from flax_qmha._convert import convert, dequantize
+from flax_qmha._export import load_variables, save_variables, to_flax_attention, to_torch_state_dict
 from flax_qmha._fake_quant import fake_quantize
 from flax_qmha._mha import MultiheadAttention
 from flax_qmha._qconfig import QConfig, QuantSpec, get_default_qat_qconfig, get_default_qconfig
@@ -25,5 +28,9 @@ __all__ = [
     "get_default_qconfig",
     "get_default_qat_qconfig",
     "fake_quantize",
+    "to_torch_state_dict",
+    "to_flax_attention",
+    "save_variables",
+    "load_variables",
 ]
 __version__ = "0.1.0"
