@@ -12,36 +12,18 @@ Writes, into ``flax_qmha/data/``:
 
 from __future__ import annotations
 
-import copy
 import pathlib
+import sys
 
 import numpy as np
 import torch
 from torch import nn
 
 E, H, L, N = 128, 4, 32, 4
-DATA = pathlib.Path(__file__).resolve().parents[1] / "flax_qmha" / "data"
-QUANTIZABLE = {"float_to_observed_custom_module_class": {
-    nn.MultiheadAttention: torch.ao.nn.quantizable.MultiheadAttention}}
-QUANTIZED = {"observed_to_quantized_custom_module_class": {
-    torch.ao.nn.quantizable.MultiheadAttention: torch.ao.nn.quantized.MultiheadAttention}}
-
-
-class SelfAttention(nn.Module):
-  """Self-attention between QuantStubs (one per input, as torch's examples do)."""
-
-  def __init__(self, mha: nn.MultiheadAttention):
-    super().__init__()
-    self.quant_query = torch.ao.quantization.QuantStub()
-    self.quant_key = torch.ao.quantization.QuantStub()
-    self.quant_value = torch.ao.quantization.QuantStub()
-    self.mha = mha
-    self.dequant = torch.ao.quantization.DeQuantStub()
-
-  def forward(self, x, key_padding_mask=None):
-    out, w = self.mha(self.quant_query(x), self.quant_key(x), self.quant_value(x),
-                      key_padding_mask=key_padding_mask)
-    return self.dequant(out), (w.dequantize() if w.is_quantized else w)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DATA = ROOT / "flax_qmha" / "data"
+sys.path.insert(0, str(ROOT / "tests"))
+from torch_quant_flow import observe_and_convert  # noqa: E402  (torch's eager flow, shared)
 
 
 def main() -> None:
@@ -56,15 +38,10 @@ def main() -> None:
   key_padding_mask = torch.zeros(N, L, dtype=torch.bool)
   key_padding_mask[1, -5:] = True
 
-  model = SelfAttention(copy.deepcopy(mha)).eval()
-  model.qconfig = torch.ao.quantization.get_default_qconfig("x86")
-  observed = torch.ao.quantization.prepare(model, prepare_custom_config_dict=QUANTIZABLE)
+  _, converted = observe_and_convert(
+      mha, torch.ao.quantization.get_default_qconfig("x86"), [(b, b, b) for b in calibration])
   with torch.no_grad():
-    for batch in calibration:
-      observed(batch)
-  converted = torch.ao.quantization.convert(observed, convert_custom_config_dict=QUANTIZED)
-  with torch.no_grad():
-    int8_out, int8_w = converted(x, key_padding_mask)
+    int8_out, int8_w = converted(x, x, x, key_padding_mask=key_padding_mask)
     float_out, float_w = mha(x, x, x, key_padding_mask=key_padding_mask)
 
   DATA.mkdir(parents=True, exist_ok=True)
