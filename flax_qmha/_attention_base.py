@@ -121,7 +121,9 @@ class AttentionBase(nn.Module):
         unbatched); bool (``True`` = not allowed) or float (added).
       average_attn_weights: average the returned weights over heads.
       is_causal: without ``attn_mask``, apply a causal mask (needs ``L == S``);
-        with ``attn_mask``, the mask is used as given (torch's behaviour).
+        with ``attn_mask``, the mask is used as given (torch too, except with
+        ``need_weights=False`` and no ``key_padding_mask``, where it trusts the
+        hint and applies its own causal mask instead).
       deterministic: disable dropout; otherwise the ``dropout`` rng is used.
 
     Returns:
