@@ -436,7 +436,7 @@ def test_quant_spec_is_frozen_and_keyword_only():
   with pytest.raises(dataclasses.FrozenInstanceError):
     spec.dtype = "qint8"
   with pytest.raises(TypeError):
-    QuantSpec("minmax", "quint8", "per_tensor_affine")  # noqa: positional
+    QuantSpec("minmax", "quint8", "per_tensor_affine")  # positional: refused
   assert spec.quant_range == (0, 255) and not spec.has_customized_qrange
   qat = get_default_qat_qconfig("x86")
   assert qat.activation.quant_range == (0, 127) and qat.activation.has_customized_qrange
@@ -449,7 +449,7 @@ def test_qconfig_validation():
   with pytest.raises(TypeError, match="fake_quant must be a bool"):
     QConfig(activation=spec, weight=spec, fake_quant=1)
   with pytest.raises(TypeError):
-    QConfig(spec, spec, False)  # noqa: keyword-only
+    QConfig(spec, spec, False)  # keyword-only: refused
 
 
 def test_observer_and_stats_errors_name_the_problem():
