@@ -72,6 +72,10 @@ class AttentionBase(nn.Module):
         embed_dim=self.embed_dim, num_heads=self.num_heads, dropout=self.dropout,
         kdim=self.kdim, vdim=self.vdim, owner=type(self).__name__,
     )
+    _checks.check_bool_fields(
+        type(self).__name__, bias=self.bias, add_bias_kv=self.add_bias_kv,
+        add_zero_attn=self.add_zero_attn, batch_first=self.batch_first,
+    )
 
   # Hooks -------------------------------------------------------------------
   def project_inputs(self, query, key, value):

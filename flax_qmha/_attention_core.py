@@ -156,7 +156,8 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
   logits = logits.astype(jnp.float32)
   if mask is not None:
     logits = logits + mask
-  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  # initial: S = 0 keys (torch allows it) is a row with no keys, not an error.
+  row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf))
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   unnormalized = jnp.exp(logits - row_max)
   total = jnp.sum(unnormalized, axis=-1, keepdims=True)

@@ -30,8 +30,17 @@ def check_config(
       continue
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
       raise ValueError(f"{owner}: {name} must be a positive int or None, got {value!r}")
-  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+  if (isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.integer, np.floating))
+      or not 0.0 <= dropout < 1.0):
     raise ValueError(f"{owner}: dropout must be a float in [0, 1), got {dropout!r}")
+
+
+def check_bool_fields(owner: str, **fields) -> None:
+  """Module fields that select code paths must be bools: a truthy string or None
+  would silently pick a path."""
+  for name, value in fields.items():
+    if not isinstance(value, (bool, np.bool_)):
+      raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_static_flags(**flags) -> None:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_qmha._checks import check_bool_fields
 from flax_qmha._fake_quant import fake_quantize
 from flax_qmha._int8 import zero_point_correction
 from flax_qmha._mha import BIAS_KV_SPEC, MultiheadAttention
@@ -44,10 +45,40 @@ def _stats(quant_stats: Mapping, path: tuple[str, ...], hint: str = "") -> dict:
   if not np.all(np.isfinite(np.asarray(node["min_val"]))):
     raise ValueError(
         f"convert: statistic quant_stats/{'/'.join(path)} was never updated (min_val is"
-        " +inf); apply the module with mutable=['quant_stats'] on calibration data first"
-        + hint
+        " +inf): it saw no finite value (observers ignore inf and NaN); apply the module"
+        " with mutable=['quant_stats'] on finite calibration data first" + hint
     )
   return dict(node)
+
+
+def _check_params(params, expected: Mapping[str, tuple], caller: str, dtype=None) -> None:
+  """Each ``"a/b"`` of ``expected`` must be a leaf of ``params`` with that shape."""
+  for path, shape in expected.items():
+    node = params
+    for part in path.split("/"):
+      if not isinstance(node, Mapping) or part not in node:
+        raise ValueError(f"{caller}: params/{path} is missing (expected shape {shape})")
+      node = node[part]
+    if tuple(np.shape(node)) != shape:
+      raise ValueError(
+          f"{caller}: params/{path} has shape {tuple(np.shape(node))}, expected {shape}"
+      )
+    got = node.dtype if hasattr(node, "dtype") else np.asarray(node).dtype
+    if dtype is not None and path.endswith("kernel") and got != dtype:
+      raise ValueError(
+          f"{caller}: params/{path} has dtype {got}, expected {np.dtype(dtype)}"
+          " (the variables of the module built by convert())"
+      )
+
+
+def _variables_params(variables, caller: str, name: str) -> Mapping:
+  if not isinstance(variables, Mapping):
+    raise TypeError(f"{caller}: {name} must be a mapping, got {type(variables).__name__}")
+  if "params" not in variables:
+    raise ValueError(
+        f"{caller}: {name} must have a 'params' entry, got keys {sorted(variables)}"
+    )
+  return variables["params"]
 
 
 def _qparams(spec: QuantSpec, stats: Mapping) -> tuple[np.ndarray, np.ndarray]:
@@ -132,8 +163,17 @@ def convert(
     raise TypeError(
         f"convert: module must be a flax_qmha.MultiheadAttention, got {type(module).__name__}"
     )
+  module.check_config()
   if numerics not in NUMERICS:
     raise ValueError(f"convert: numerics must be one of {NUMERICS}, got {numerics!r}")
+  check_bool_fields("convert", int8_attention=int8_attention,
+                    dynamic_activations=dynamic_activations)
+  if numerics == "torch" and (int8_attention or dynamic_activations):
+    raise ValueError(
+        "convert: numerics='torch' reproduces torch's module, which has neither"
+        f" int8_attention nor dynamic_activations; got int8_attention={int8_attention},"
+        f" dynamic_activations={dynamic_activations}"
+    )
   qconfig = module.qconfig
   if qconfig is None and not dynamic_activations:
     raise ValueError(
@@ -145,7 +185,18 @@ def convert(
         f"convert: numerics='torch' needs quint8 activations (fbgemm), got"
         f" {qconfig.activation.dtype!r}"
     )
-  params = variables["params"]
+  if qconfig is not None and not dynamic_activations and qconfig.activation.is_per_channel:
+    raise ValueError(
+        "convert: activations need a per-tensor qscheme (one scale and zero point per"
+        f" tensor), got qconfig.activation.qscheme={qconfig.activation.qscheme!r}"
+    )
+  params = _variables_params(variables, "convert", "variables")
+  e = module.embed_dim
+  expected = {f"{n}/kernel": (d, e) for n, d in zip(
+      PROJECTIONS, (e, module.key_dim, module.value_dim, e))}
+  expected.update({f"{n}/bias": (e,) for n in PROJECTIONS if module.bias})
+  expected.update({n: (1, 1, e) for n in ("bias_k", "bias_v") if module.add_bias_kv})
+  _check_params(params, expected, "convert")
   quant_stats = variables.get("quant_stats", {})
   weight_spec = DEFAULT_WEIGHT_SPEC if qconfig is None else qconfig.weight
   stored_weights = qconfig is not None and qconfig.fake_quant
@@ -221,7 +272,17 @@ def dequantize(
         "dequantize: expected a flax_qmha.QuantizedMultiheadAttention (the result of"
         f" convert() or from_torch()), got {type(qmodule).__name__}"
     )
-  qp = qvariables["params"]
+  qmodule.check_config()
+  qp = _variables_params(qvariables, "dequantize", "qvariables")
+  e = qmodule.embed_dim
+  expected = {f"{n}/kernel": (d, e) for n, d in zip(
+      PROJECTIONS, (e, qmodule.key_dim, qmodule.value_dim, e))}
+  expected.update({f"{n}/kernel_scale": (e,) if qmodule.per_channel_weights else ()
+                   for n in PROJECTIONS})
+  expected.update({f"{n}/bias": (e,) for n in PROJECTIONS if qmodule.bias})
+  for name in ("bias_k", "bias_v") if qmodule.add_bias_kv else ():
+    expected.update({name: (1, 1, e), f"{name}_scale": (), f"{name}_zero_point": ()})
+  _check_params(qp, expected, "dequantize", dtype=np.int8)
   params: dict = {}
   for name in PROJECTIONS:
     entry = qp[name]

@@ -88,6 +88,8 @@ def _float_module_and_params(module: Any, variables: Any, caller: str):
       embed_dim=module.embed_dim, num_heads=module.num_heads, dropout=module.dropout,
       kdim=module.kdim, vdim=module.vdim, owner=caller,
   )
+  _checks.check_bool_fields(caller, bias=module.bias, add_bias_kv=module.add_bias_kv,
+                            add_zero_attn=module.add_zero_attn, batch_first=module.batch_first)
   return module, _checked_params(module, variables, caller)
 
 

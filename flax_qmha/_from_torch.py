@@ -1249,6 +1249,16 @@ def from_torch_checkpoint(
   if qconfig is not None and not isinstance(qconfig, QConfig):
     raise TypeError(f"{caller}: qconfig must be a flax_qmha.QConfig or None, got"
                     f" {type(qconfig).__name__}")
+  # Arguments shared by every attention are checked once, up front: a bad one is the
+  # caller's mistake, not a reason to skip each attention in turn.
+  heads = num_heads.values() if isinstance(num_heads, Mapping) else [num_heads]
+  for value in heads:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+      raise TypeError(f"{caller}: num_heads must be a positive int or a dict prefix ->"
+                      f" positive int, got {_short(num_heads)}")
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating)) \
+      or not 0.0 <= dropout < 1.0:
+    raise ValueError(f"{caller}: dropout must be a float in [0, 1), got {dropout!r}")
   native = _find_attentions(src.entries)
   mapped = []
   if key_map is not None:

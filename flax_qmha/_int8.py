@@ -23,12 +23,19 @@ import numpy as np
 MAX_CONTRACTION = (2**31 - 1) // (128 * 128)
 
 
-def check_contraction(size: int, name: str) -> None:
-  """Refuses contractions long enough to overflow the int32 accumulator."""
-  if size > MAX_CONTRACTION:
+def check_contraction(size: int, name: str, max_abs_product: int = 128 * 128) -> None:
+  """Refuses contractions long enough to overflow the int32 accumulator.
+
+  ``max_abs_product`` bounds one term: 128 * 128 for s8 x s8, more when the sum
+  that must fit is a zero-point-corrected one (``(x - z) * w``: 255 * 128).
+  """
+  bound = (2**31 - 1) // max_abs_product
+  if size > bound:
     raise ValueError(
         f"{name}: an int8 contraction over {size} elements can overflow int32"
-        f" (at most {MAX_CONTRACTION} are safe with 8-bit operands)"
+        f" (at most {bound} are safe with 8-bit operands"
+        + ("" if bound == MAX_CONTRACTION else f" whose products reach {max_abs_product}")
+        + ")"
     )
 
 
@@ -64,7 +71,7 @@ def quantize_symmetric(x: jax.Array, scale: jax.Array | None = None, axis: int =
   """
   x = x.astype(jnp.float32)
   if scale is None:
-    amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+    amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0.0)  # 0 if empty
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
   return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
 

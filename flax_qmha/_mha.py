@@ -59,6 +59,17 @@ class MultiheadAttention(AttentionBase):
           f"MultiheadAttention: qconfig must be a flax_qmha.QConfig or None, got"
           f" {type(self.qconfig).__name__}"
       )
+    for name, dtype in (("dtype", self.dtype), ("param_dtype", self.param_dtype)):
+      try:
+        floating = (dtype is None and name == "dtype") or (
+            dtype is not None and jnp.issubdtype(dtype, jnp.floating))
+      except TypeError:
+        floating = False
+      if not floating:
+        raise TypeError(
+            f"MultiheadAttention: {name} must be a floating-point dtype"
+            + (" or None" if name == "dtype" else "") + f", got {dtype!r}"
+        )
     e = self.embed_dim
     packed = self.key_dim == e and self.value_dim == e
     # torch initialises the packed (3E, E) in_proj_weight as one matrix.

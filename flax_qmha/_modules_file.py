@@ -58,10 +58,19 @@ def save_modules(path, modules: Mapping[str, tuple[Any, Mapping]], *, format=Non
       QuantizedMultiheadAttention, variables)``.
     format: ``"safetensors"``, ``"msgpack"`` or ``None`` (from the extension).
   """
+  if not isinstance(modules, Mapping):
+    raise TypeError(f"save_modules: modules must be a mapping of prefix -> (module, variables),"
+                    f" got {type(modules).__name__}")
   if not modules:
     raise ValueError("save_modules: modules is empty; nothing to save")
   description = {}
-  for prefix, (module, _) in modules.items():
+  for prefix, pair in modules.items():
+    if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[1], Mapping):
+      got = (f"({', '.join(type(x).__name__ for x in pair)})" if isinstance(pair, tuple)
+             else type(pair).__name__)
+      raise TypeError(f"save_modules: modules[{prefix!r}] must be a (module, variables mapping)"
+                      f" pair, got {got}")
+    module = pair[0]
     if type(module).__name__ not in CLASSES or not isinstance(module, tuple(CLASSES.values())):
       raise TypeError(
           f"save_modules: modules[{prefix!r}] must be a MultiheadAttention or"
@@ -95,7 +104,7 @@ def load_modules(path, *, format=None) -> dict[str, tuple[Any, dict]]:
       cls = CLASSES[entry["class"]]
       fields = {k: _field_from_json(k, v) for k, v in entry["fields"].items()}
       result[prefix] = (cls(**fields), variables[prefix])
-  except (KeyError, TypeError, ValueError) as e:
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
     raise CheckpointError(
         f"load_modules: {path!s} has a malformed module description ({type(e).__name__}: {e})"
     ) from None

@@ -110,12 +110,17 @@ class QuantSpec:
             f" [{self.quant_min}, {self.quant_max}]"
         )
       try:
-        quant_range(self.dtype, self.reduce_range, self.quant_min, self.quant_max)
+        lo, hi = quant_range(self.dtype, self.reduce_range, self.quant_min, self.quant_max)
       except ValueError as e:
         raise ValueError(
             f"QuantSpec: quant_min/quant_max [{self.quant_min}, {self.quant_max}] must lie"
             f" within dtype {self.dtype!r}: {e}"
         ) from None
+      if lo >= hi:  # reduce_range halves a custom range, e.g. [0, 1] -> [0, 0]
+        raise ValueError(
+            f"QuantSpec: reduce_range=True turns [quant_min, quant_max] ="
+            f" [{self.quant_min}, {self.quant_max}] into the empty range [{lo}, {hi}]"
+        )
     if (self.observer != "histogram" and self.is_symmetric and self.reduce_range
         and self.dtype == "quint8"):
       # torch's MinMax observers raise NotImplementedError for this combination.
@@ -127,8 +132,8 @@ class QuantSpec:
     if isinstance(c, bool) or not isinstance(c, (int, float, np.floating)) or not 0 < c <= 1:
       raise ValueError(f"QuantSpec: averaging_constant must be in (0, 1], got {c!r}")
     if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float, np.floating)) \
-        or not self.eps > 0:
-      raise ValueError(f"QuantSpec: eps must be a positive float, got {self.eps!r}")
+        or not 0 < self.eps < np.inf:
+      raise ValueError(f"QuantSpec: eps must be a positive finite float, got {self.eps!r}")
     if not _is_int(self.bins) or self.bins < 2:
       raise ValueError(f"QuantSpec: bins must be an int >= 2, got {self.bins!r}")
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from flax_qmha import _attention_core as core
+from flax_qmha import _checks
 from flax_qmha import _int8
 from flax_qmha._attention_base import AttentionBase, float_attention
 from flax_qmha._qparams import dequantize, quantize
@@ -35,7 +36,8 @@ def int8_attention(q, k, v, mask, *, num_heads, scales, dropout, dropout_rng):
   k_q, k_scale = _int8.quantize_symmetric(k, k_scale, axis=-1)  # scale [N, S, 1] or ()
   v_q, v_scale = _int8.quantize_symmetric(v, v_scale, axis=1)  # scale [N, 1, E] or ()
   _int8.check_contraction(d, "int8 attention (QK^T)")
-  _int8.check_contraction(k.shape[1], "int8 attention (PV)")
+  # PV's result is sum_s p_u8 * v with p_u8 up to 255 (see below).
+  _int8.check_contraction(k.shape[1], "int8 attention (PV)", 255 * 127)
   q_h, k_h, v_h = (core.split_heads(x, num_heads) for x in (q_q, k_q, v_q))
   # [N, L, H, D] x [N, S, H, D] -> [N, H, L, S] (batch dims N, H).
   acc = jax.lax.dot_general(q_h, k_h, (((3,), (3,)), ((0, 2), (0, 2))),
@@ -46,7 +48,7 @@ def int8_attention(q, k, v, mask, *, num_heads, scales, dropout, dropout_rng):
   weights = core.attention_dropout(core.masked_softmax(logits, mask), dropout, dropout_rng)
   # One scale per query row, from the row's largest probability: near-uniform
   # rows (max ~1/S) would keep only a few levels on a fixed 1/255 grid.
-  row_max = jnp.max(weights, axis=-1, keepdims=True)  # [N, H, L, 1]
+  row_max = jnp.max(weights, axis=-1, keepdims=True, initial=0.0)  # [N, H, L, 1]
   p_scale = jnp.where(row_max > 0, row_max / 255.0, 1.0)
   p_s8 = (jnp.clip(jnp.round(weights / p_scale), 0, 255) - 128).astype(jnp.int8)
   # [N, H, L, S] x [N, S, H, D] -> [N, H, L, D] (batch dims N, H).
@@ -92,6 +94,11 @@ class QuantizedMultiheadAttention(AttentionBase):
 
   def setup(self):
     self.check_config()
+    _checks.check_bool_fields(
+        "QuantizedMultiheadAttention", int8_attention=self.int8_attention,
+        dynamic_activations=self.dynamic_activations,
+        per_channel_weights=self.per_channel_weights,
+    )
     if self.numerics not in NUMERICS:
       raise ValueError(
           f"QuantizedMultiheadAttention: numerics must be one of {NUMERICS},"

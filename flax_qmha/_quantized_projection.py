@@ -52,6 +52,9 @@ class QuantizedProjection(nn.Module):
     """``[..., in_features]`` float -> ``[..., features]`` float32."""
     zeros = nn.initializers.zeros
     scale_shape = (self.features,) if self.per_channel else ()
+    # With a static zero point the sum that must fit is that of (x - z) * w, |x - z| <= 255.
+    _int8.check_contraction(x.shape[-1], f"QuantizedProjection {self.name!r}",
+                            128 * 128 if self.dynamic else 255 * 128)
     kernel = self.param("kernel", zeros, (x.shape[-1], self.features), jnp.int8)
     kernel_scale = self.param("kernel_scale", nn.initializers.ones, scale_shape, jnp.float32)
     bias = self.param("bias", zeros, (self.features,), jnp.float32) if self.use_bias else None
