@@ -870,3 +870,18 @@ def test_converted_state_dict_errors_name_the_key(converted_models):
   with pytest.raises(ValueError, match="qconfig= applies to observed modules, but 'mha' is"
                      " already converted"):
     from_torch(sd, prefix="mha", num_heads=H, qconfig=fq.get_default_qconfig())
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [(dict(num_heads=0), TypeError, ["num_heads", "positive"]),
+     (dict(num_heads={"": "2"}), TypeError, ["num_heads"]),
+     (dict(num_heads=2, dropout=2.0), ValueError, ["dropout", "[0, 1)", "2.0"])],
+    ids=["zero_heads", "str_heads", "dropout"],
+)
+def test_checkpoint_arguments_are_checked_up_front(kwargs, exc, words):
+  sd = {k: v.numpy() for k, v in torch.nn.MultiheadAttention(8, 2).state_dict().items()}
+  with pytest.raises(exc) as info:
+    fq.from_torch_checkpoint(sd, **kwargs)
+  for word in words:
+    assert word in str(info.value), str(info.value)
