@@ -467,16 +467,7 @@ def _leaf_array(value: Any, key: str) -> np.ndarray:
 
 
 def _check_metadata(metadata: Any) -> dict[str, str]:
-  if metadata is None:
-    return {}
-  if not isinstance(metadata, collections.abc.Mapping):
-    raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
-  for key, value in metadata.items():
-    if not isinstance(key, str) or not isinstance(value, str):
-      raise TypeError(
-          f"metadata must map str to str, got {type(key).__name__} {key!r} ->"
-          f" {type(value).__name__}"
-      )
+  metadata = _safetensors.check_metadata(metadata)  # both formats store the same metadata
   if "format" in metadata:
     raise ValueError(
         f"metadata may not use the key 'format': it holds the file's format marker"

@@ -95,6 +95,21 @@ def _little_endian_bytes(array: np.ndarray) -> np.ndarray:
   return array.reshape(-1).view(np.uint8)
 
 
+def check_metadata(metadata: Any) -> dict[str, str]:
+  """safetensors metadata is str -> str only; returns it as a dict (``None``: empty)."""
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, collections.abc.Mapping):
+    raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
+  for key, value in metadata.items():
+    if not isinstance(key, str) or not isinstance(value, str):
+      raise TypeError(
+          f"metadata must map str to str, got {type(key).__name__} {key!r} -> "
+          f"{type(value).__name__}"
+      )
+  return dict(metadata)
+
+
 def save_safetensors(
     path_or_file: PathOrFile,
     tensors: Mapping[str, Any],
@@ -124,14 +139,7 @@ def save_safetensors(
   if not isinstance(tensors, collections.abc.Mapping):
     raise TypeError(f"tensors must be a mapping of names to arrays, got {type(tensors).__name__}")
   if metadata is not None:
-    if not isinstance(metadata, collections.abc.Mapping):
-      raise TypeError(f"metadata must be a mapping of str to str, got {type(metadata).__name__}")
-    for key, value in metadata.items():
-      if not isinstance(key, str) or not isinstance(value, str):
-        raise TypeError(
-            f"metadata must map str to str, got {type(key).__name__} {key!r} -> "
-            f"{type(value).__name__}"
-        )
+    check_metadata(metadata)
   arrays: dict[str, np.ndarray] = {}
   codes: dict[str, str] = {}
   for name, value in tensors.items():
