@@ -838,7 +838,7 @@ ERRORS = {
         ValueError, "found no multi-head attention"),
     "checkpoint num_heads type": (
         lambda: from_torch_checkpoint(_float_sd(), num_heads="4"), TypeError,
-        "num_heads must be an int or a dict"),
+        "num_heads must be a positive int or a dict"),
     "bad key_map": (
         lambda: from_torch_checkpoint(_float_sd(), num_heads=H, key_map={"q": "q_proj"}),
         ValueError, "key_map must map exactly 'q', 'k', 'v' and 'out'"),
