@@ -18,6 +18,7 @@ import torch
 from hypothesis import strategies as st
 
 from flax_qmha._safetensors import CheckpointError, load_safetensors, save_safetensors
+from io_helpers import NonSeekableStream
 
 NUMPY_CODES = {
     "F64": np.float64,
@@ -187,17 +188,6 @@ def test_matches_reference_both_ways(tensors, metadata):
   assert meta == metadata
 
 
-class _Stream(io.RawIOBase):
-  def __init__(self, data):
-    self._inner = io.BytesIO(data)
-
-  def readable(self):
-    return True
-
-  def readinto(self, b):
-    return self._inner.readinto(b)
-
-
 @pytest.mark.parametrize("how", ["str", "pathlib", "open_file", "bytesio_after_prefix", "non_seekable"])
 def test_sources(tmp_path, how):
   tensors = {"w": np.arange(4, dtype=np.float32)}
@@ -222,7 +212,7 @@ def test_sources(tmp_path, how):
   else:
     buf = io.BytesIO()
     save_safetensors(buf, tensors)
-    loaded, _ = load_safetensors(io.BufferedReader(_Stream(buf.getvalue())))
+    loaded, _ = load_safetensors(io.BufferedReader(NonSeekableStream(buf.getvalue())))
   _assert_identical(loaded, tensors)
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from flax_qmha._torch_pickle import CheckpointError, QuantizedTensor, load_torch_file
+from io_helpers import NonSeekableStream
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -337,16 +338,6 @@ def test_sources(saved, how):
   path = saved["float_mha"]
   theirs = torch.load(path, weights_only=True)
 
-  class Stream(io.RawIOBase):
-    def __init__(self, data):
-      self._inner = io.BytesIO(data)
-
-    def readable(self):
-      return True
-
-    def readinto(self, b):
-      return self._inner.readinto(b)
-
   if how == "str":
     ours = load_torch_file(str(path))
   elif how == "pathlib":
@@ -358,7 +349,7 @@ def test_sources(saved, how):
   elif how == "bytesio":
     ours = load_torch_file(io.BytesIO(path.read_bytes()))
   else:
-    ours = load_torch_file(io.BufferedReader(Stream(path.read_bytes())))
+    ours = load_torch_file(io.BufferedReader(NonSeekableStream(path.read_bytes())))
   assert_same(ours, theirs)
 
 
